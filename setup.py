@@ -11,6 +11,7 @@ Switches (environment variables):
 
 import glob
 import os
+import sys
 import re
 
 from setuptools import find_packages, setup
@@ -57,6 +58,12 @@ def make_extension():
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "native") if with_cuda else ""
 
     cxx_flags = ["-O3", "-std=c++20", "-DTMT_EXT_PYTHON_MODULE"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is inlined into our kernels: without OpenMP they would run on one
+        # thread. The runtime is torch's own libgomp (same soname, already loaded).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if env_flag("TMT_EXT_NATIVE"):
         cxx_flags.append("-march=native")
     files = sources("csrc/ops.cpp") + sources("csrc/cpu/*.cpp")
@@ -76,6 +83,7 @@ def make_extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
 

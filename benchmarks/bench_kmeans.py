@@ -108,10 +108,13 @@ def objective(x: torch.Tensor, centroids: torch.Tensor) -> float:
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], device: str, rounds: int,
-                        budget_s: float):
+                        budget_s: float, settle_s: float = 0.0):
     """Median seconds per call of every function, timed in interleaved rounds (one call of each
     per round), so that a change of machine load hits all peers alike. A peer stops being timed
     once its calls have taken budget_s (slow peers get fewer, but at least 3, samples).
+    ``settle_s``: a pause before every timed call. With several threads, the OpenMP pools of the
+    other libraries (scikit-learn's, FAISS's) keep spinning for a while after their call returns
+    and take the cores from whichever peer is timed next; the pause lets them go idle.
     Returns (wall medians, process CPU-time medians, the output of each function's first call).
     """
     def sync():
@@ -127,6 +130,8 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], device: str, round
             if len(samples[name]) >= 3 and sum(samples[name]) > budget_s:
                 continue
             sync()
+            if settle_s:
+                time.sleep(settle_s)
             start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             sync()
@@ -164,7 +169,8 @@ def run(device: str, quick: bool = False, threads: int = 0):
         row = {"B": B, "N": N, "D": D, "K": K, "iters": ITERS, "threads": threads}
         with _thread_limit(threads):
             medians, cpu_medians, outputs = interleaved_medians(
-                fns, device, rounds=5 if quick else 15, budget_s=2.0 if quick else 10.0)
+                fns, device, rounds=5 if quick else 15, budget_s=2.0 if quick else 10.0,
+                settle_s=0.3 if threads > 1 and device == "cpu" else 0.0)
             for name in fns:
                 row[f"{name}_ms"] = medians[name] * 1e3
                 # Process CPU time (all threads; spin-waiting included): on a shared machine it

@@ -64,9 +64,17 @@ TORCH_LIBRARY(tmt_ext, m) {
   // upper bound (own centroid) stays below its lower bound (any other) keeps its label, with
   // sqdist -1 (not computed); the others are assigned as by kmeans_assign and get new bounds:
   // sqrt(sqdist +- err) with err = err_scale (||x||^2 + max ||c||^2) (lower: second nearest).
-  //   -> (labels, sqdist, upper, lower); pass lower = -inf to compute every point.
+  // Fused with the update step: means [B, K, D] and counts [B, K] int64 of the new labels,
+  // exactly region_pool(x, labels, K) (so the iterations match assign + region_pool bit for bit).
+  //   -> (labels, sqdist, upper, lower, means, counts); pass lower = -inf to compute every point.
   m.def("kmeans_assign_bounded(Tensor x, Tensor centroids, Tensor? mask, Tensor labels, Tensor upper, "
-        "Tensor lower, Tensor drift, float err_scale) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor lower, Tensor drift, float err_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Whole Lloyd iterations of every problem (CPU): from centroids [B, K, D], at most `iters`
+  // steps of kmeans_assign_bounded (fused update), empty clusters moved onto the farthest points,
+  // means re-normalised when `spherical`, a problem stopping once sum ||c' - c||^2 <= tol sum ||c||^2
+  // (tol > 0) -> (centroids [B, K, D], n_iter [B] int64: the steps each problem ran).
+  m.def("kmeans_lloyd(Tensor x, Tensor centroids, Tensor? mask, int iters, float tol, bool spherical, "
+        "float err_scale) -> (Tensor, Tensor)");
   // k-means++ seeding: x [B, N, D] float, uniforms [B, K] float64 in [0, 1) (the draw of each
   // round), mask None or bool [B, N] -> indices [B, K] int64 of the points chosen as centres
   // (round r: the first point whose running sum of weights exceeds uniforms[:, r] * total).

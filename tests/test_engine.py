@@ -517,6 +517,10 @@ def test_end_to_end(tmp_path, method, tmt, cache_dir):
     assert (losses["loss_dom"] > 0) == (method == "tmt")
     if method == "tmt":
         assert saved["tma_lambda"] and min(saved["tma_lambda"]) >= 0
+        assert 0.0 <= saved["target_miou_tma"] <= 100.0  # ACTE + TMA at test time
+        assert set(saved["target_iou_tma"]) == set(saved["target_iou"])
+    else:
+        assert saved["target_miou_tma"] is None
     with open(out / "log.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["step"] for r in rows] == ["3"] and float(rows[0]["target_miou"]) >= 0
@@ -545,3 +549,23 @@ def test_cli_train_with_config_file(tmp_path, cache_dir, capsys):
     assert saved["tmt"]["restrict"] == "neighbors" and saved["data"]["target_labels"] == 0.5
     labeled = json.loads((tmp_path / "run" / "target_labeled.json").read_text())
     assert len(labeled["indices"]) == 12   # half of the 24 stand-in target train images
+
+
+def test_tma_predictor_is_the_tma_forward(tmp_path):
+    # Inference with ACTE + TMA at test time: with λ ≈ 0 (and no restriction) the bias vanishes
+    # and it gives the TMA-off model's logits; with a large λ it does not.
+    from tmt_train.engine.trainer import TMAPredictor, TrainModule, build_acte
+    from tmt_train.models import build_model
+
+    cfg = tiny(tmp_path / "run", "tmt")
+    cfg.model.tma_blocks = cfg.tmt.tma_blocks
+    model = build_model(cfg.model, num_classes=4, verbose=False)
+    acte = build_acte(cfg, model)
+    predictor = TMAPredictor(TrainModule(model, acte)).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model.eval()(images)
+        acte.lambda_param.fill_(-30.0)  # softplus: λ ≈ 1e-13
+        torch.testing.assert_close(predictor(images), plain, atol=1e-5, rtol=1e-5)
+        acte.lambda_param.fill_(3.0)
+        assert (predictor(images) - plain).abs().max() > 1e-3

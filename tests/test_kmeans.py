@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -211,8 +212,9 @@ def bounded_inputs(B, N, D, K, dtype, generator_seed=0):
 @pytest.mark.parametrize("cpu_variant", CPU_VARIANTS, indirect=True)
 @pytest.mark.parametrize("K", [1, 3, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bounded_assign_matches_reference(cpu_variant, K, dtype):
-    B, N, D = 2, 150, 9
+@pytest.mark.parametrize("N", [150, 1100])  # one chunk of partial sums; three (segment_sum.h)
+def test_bounded_assign_matches_reference(cpu_variant, K, dtype, N):
+    B, D = 2, 9
     x, c, mask = bounded_inputs(B, N, D, K, dtype)
     err = 2.0 * (D + 2) * torch.finfo(dtype).eps
     op = torch.ops.tmt_ext.kmeans_assign_bounded
@@ -242,6 +244,12 @@ def test_bounded_assign_matches_reference(cpu_variant, K, dtype):
     assert torch.equal(got2[0][skipped], got[0][skipped])
     torch.testing.assert_close(got2[2], want2[2])
     torch.testing.assert_close(got2[3], want2[3])
+    # The fused update step: region_pool of the new labels, bit for bit (skipped points included).
+    for out, ref in ((got, want), (got2, want2)):
+        pooled = torch.ops.tmt_ext.region_pool(x, out[0], K)
+        assert torch.equal(out[4], pooled[0]) and torch.equal(out[5], pooled[1])
+        torch.testing.assert_close(out[4], ref[4])
+        assert torch.equal(out[5], ref[5])
 
 
 def test_bounded_assign_opcheck():
@@ -266,6 +274,62 @@ def test_bounds_change_nothing(metric, tol):
         assert torch.equal(runs[0].labels, runs[1].labels)
         assert torch.equal(runs[0].centroids, runs[1].centroids)
         assert runs[0].n_iter == runs[1].n_iter
+
+
+@pytest.mark.parametrize("cpu_variant", CPU_VARIANTS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("tol", [0.0, 1e-4])
+def test_lloyd_kernel_matches_the_python_loop(cpu_variant, dtype, metric, tol):
+    # kmeans_lloyd runs the iterations of each problem in one call: the same steps as lloyd()
+    # over the native ops, so the same labels and iteration counts, and for l2 the same centroids
+    # bit for bit (cosine: the re-normalisation rounds differently from F.normalize).
+    ops = torch.ops.tmt_ext
+    kmeans_module = importlib.import_module("tmt_ext.ops.kmeans")
+    g = torch.Generator().manual_seed(3)
+    blob_x, _ = blobs(B=3, K=6, per=40, D=7, device="cpu", spread=1.0, gap=2.0)
+    duplicates = torch.randn(3, 300, 5, generator=g)
+    duplicates[:, 100:] = duplicates[:, :1]  # many equal points: clusters empty out
+    cases = [(torch.randn(4, 1100, 9, generator=g), 12), (blob_x, 6), (duplicates, 9)]
+    for x, k in cases:
+        x = x.to(dtype)
+        mask = torch.rand(x.shape[:2], generator=g) > 0.15
+        mask[:, :k] = True
+        for m in (None, mask):
+            got = kmeans_module._lloyd_cpu(x, k, iters=12, tol=tol, init="kmeans++", seed=1,
+                                           mask=m, metric=metric)
+            want = lloyd(x, k, iters=12, tol=tol, init="kmeans++", seed=1, mask=m, metric=metric,
+                         assign=ops.kmeans_assign, update=ops.region_pool,
+                         plusplus=ops.kmeans_plusplus, assign_bounded=ops.kmeans_assign_bounded)
+            assert torch.equal(got.labels, want.labels)
+            assert got.n_iter == want.n_iter
+            if metric == "l2":
+                assert torch.equal(got.centroids, want.centroids)
+            else:
+                torch.testing.assert_close(got.centroids, want.centroids)
+            torch.testing.assert_close(got.inertia, want.inertia)
+
+
+def test_lloyd_kernel_stops_each_problem_on_its_own():
+    # tol: a problem that converges early keeps its centroids while another goes on.
+    easy, _ = blobs(B=1, K=3, per=50, D=4, device="cpu", spread=0.05, gap=5.0)
+    hard = torch.randn(1, 150, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([easy, hard])
+    init = x[:, :3].clone()
+    centroids, n_iter = torch.ops.tmt_ext.kmeans_lloyd(x, init, None, 50, 1e-9, False, 1e-5)
+    assert 1 <= n_iter[0] < n_iter[1] <= 50
+    for b in range(2):  # each problem's result is that of running it alone
+        alone, steps = torch.ops.tmt_ext.kmeans_lloyd(x[b:b + 1], init[b:b + 1], None, 50, 1e-9,
+                                                      False, 1e-5)
+        assert torch.equal(alone[0], centroids[b]) and steps[0] == n_iter[b]
+    untouched, zero = torch.ops.tmt_ext.kmeans_lloyd(x, init, None, 0, 0.0, False, 1e-5)
+    assert torch.equal(untouched, init) and zero.tolist() == [0, 0]
+
+
+def test_lloyd_kernel_opcheck():
+    x, c, mask = bounded_inputs(2, 40, 4, 5, torch.float32)
+    opcheck(torch.ops.tmt_ext.kmeans_lloyd.default, (x, c, mask, 3, 1e-4, False, 1e-5))
+    opcheck(torch.ops.tmt_ext.kmeans_lloyd.default, (x, c, None, 2, 0.0, True, 1e-5))
 
 
 # ---- k-means++ seeding kernel (CPU) ----------------------------------------------------------

@@ -7,7 +7,10 @@
 // extension itself is built without -march flags.
 //
 // kmeans_assign_bounded is the same kernel for the k-means iterations: with Hamerly's bounds it
-// skips the points whose label cannot change and tracks the second nearest centroid of the others.
+// skips the points whose label cannot change and tracks the second nearest centroid of the others,
+// and it fuses the update step: each block of points is added to its clusters' sums right after
+// it is assigned, while its rows are still in cache (segment_sum.h, region_pool's exact sums).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -16,8 +19,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
+#include "cpu/segment_sum.h"
 #include "cpu/simd.h"
 
 namespace tmt_ext {
@@ -274,33 +279,58 @@ TMT_ALWAYS_INLINE void assign_rows_impl(const Problem<T>& p, int64_t n0, int64_t
       }
     }
   }
-  for (int i = 0; i < filled; ++i) {
+  if (filled > 0) {
+    // A partial tile: pad it with its last point (computed again, the same result written
+    // twice) rather than run the leftovers one by one, which leaves the FMA pipes waiting.
+    for (int i = filled; i < PP; ++i) tile[i] = tile[filled - 1];
     if (p.bounds != nullptr) {
-      assign_points<T, W, 1, true>(p, tile + i);
+      assign_points<T, W, PP, true>(p, tile);
     } else {
-      assign_points<T, W, 1, false>(p, tile + i);
+      assign_points<T, W, PP, false>(p, tile);
     }
   }
 }
 
+// Points n0..n1 of a problem; with `sums` (the partial sums [K][D] and counts [K] of this chunk),
+// blocks of kPoolBlock points are assigned and then added to the sums in point order while their
+// rows are still in cache (the fused update step).
+constexpr int64_t kPoolBlock = 256;
+
+template <typename T, int W, int PP>
+TMT_ALWAYS_INLINE void assign_pool_rows_impl(const Problem<T>& p, int64_t n0, int64_t n1, T* sums,
+                                             int64_t* count) {
+  if (sums == nullptr) {
+    assign_rows_impl<T, W, PP>(p, n0, n1);
+    return;
+  }
+  for (int64_t s = n0; s < n1; s += kPoolBlock) {
+    const int64_t e = std::min(n1, s + kPoolBlock);
+    assign_rows_impl<T, W, PP>(p, s, e);
+    segment_sum::accumulate<T, W>(p.x + s * p.D, p.labels + s, sums, count, e - s, p.D);
+  }
+}
+
 // The same kernel for three instruction sets (points per tile: 8, 4, 4).
-using RowsFn = void (*)(const void*, int64_t, int64_t);
+using RowsFn = void (*)(const void*, int64_t, int64_t, void*, int64_t*);
 
 #ifdef TMT_HAS_X86_VARIANTS
 template <typename T>
-TMT_TARGET_AVX512 void assign_rows_avx512(const void* p, int64_t n0, int64_t n1) {
-  assign_rows_impl<T, 64 / sizeof(T), 8>(*static_cast<const Problem<T>*>(p), n0, n1);
+TMT_TARGET_AVX512 void assign_rows_avx512(const void* p, int64_t n0, int64_t n1, void* sums, int64_t* count) {
+  assign_pool_rows_impl<T, 64 / sizeof(T), 8>(*static_cast<const Problem<T>*>(p), n0, n1,
+                                              static_cast<T*>(sums), count);
 }
 
 template <typename T>
-TMT_TARGET_AVX2 void assign_rows_avx2(const void* p, int64_t n0, int64_t n1) {
-  assign_rows_impl<T, 32 / sizeof(T), 4>(*static_cast<const Problem<T>*>(p), n0, n1);
+TMT_TARGET_AVX2 void assign_rows_avx2(const void* p, int64_t n0, int64_t n1, void* sums, int64_t* count) {
+  assign_pool_rows_impl<T, 32 / sizeof(T), 4>(*static_cast<const Problem<T>*>(p), n0, n1,
+                                              static_cast<T*>(sums), count);
 }
 #endif
 
 template <typename T>
-void assign_rows_baseline(const void* p, int64_t n0, int64_t n1) {
-  assign_rows_impl<T, 16 / sizeof(T), 4>(*static_cast<const Problem<T>*>(p), n0, n1);
+void assign_rows_baseline(const void* p, int64_t n0, int64_t n1, void* sums, int64_t* count) {
+  assign_pool_rows_impl<T, 16 / sizeof(T), 4>(*static_cast<const Problem<T>*>(p), n0, n1,
+                                              static_cast<T*>(sums), count);
 }
 
 template <typename T>
@@ -318,6 +348,7 @@ std::pair<RowsFn, int64_t> pick_variant() {
 struct BoundsArgs {
   at::Tensor labels_in, upper_in, lower_in, drift, upper, lower;
   double err_scale;
+  at::Tensor means, counts;  // out: the update step, [B, K, D] and [B, K]
 };
 
 template <typename T>
@@ -327,20 +358,21 @@ void kmeans_assign_kernel(const at::Tensor& x, const at::Tensor& centroids, cons
   const auto [rows_fn, lanes] = pick_variant<T>();
   const int64_t panels_size = panel_count(K, lanes) * 2 * lanes * D;
   const int64_t cnorm_size = panel_count(K, lanes) * 2 * lanes;
-  std::vector<T> panels(B * panels_size), cnorm(B * cnorm_size);
+  // Scratch left uninitialized (every entry read is written first): this runs every iteration.
+  std::unique_ptr<T[]> panels(new T[B * panels_size]), cnorm(new T[B * cnorm_size]);
   const T* x_ptr = x.data_ptr<T>();
   const T* c_ptr = centroids.data_ptr<T>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      pack_problem<T>(c_ptr + b * K * D, K, D, lanes, panels.data() + b * panels_size,
-                      cnorm.data() + b * cnorm_size);
+      pack_problem<T>(c_ptr + b * K * D, K, D, lanes, panels.get() + b * panels_size,
+                      cnorm.get() + b * cnorm_size);
   });
   std::vector<Bounds<T>> bounds;
   if (bounds_args != nullptr) {
     const BoundsArgs& a = *bounds_args;
     const T* drift = a.drift.data_ptr<T>();
     for (int64_t b = 0; b < B; ++b) {
-      const T* c_norms = cnorm.data() + b * cnorm_size;
+      const T* c_norms = cnorm.get() + b * cnorm_size;
       bounds.push_back({a.labels_in.data_ptr<int64_t>() + b * N, a.upper_in.data_ptr<T>() + b * N,
                         a.lower_in.data_ptr<T>() + b * N, drift + b * K,
                         *std::max_element(drift + b * K, drift + (b + 1) * K), static_cast<T>(a.err_scale),
@@ -348,23 +380,54 @@ void kmeans_assign_kernel(const at::Tensor& x, const at::Tensor& centroids, cons
                         a.lower.data_ptr<T>() + b * N});
     }
   }
-  // Work items of a fixed number of points, so every thread count gives the same partition
-  // (each point's result depends on nothing else anyway).
-  constexpr int64_t kChunk = 128;
-  const int64_t chunks = (N + kChunk - 1) / kChunk;
   int64_t* labels_ptr = labels.data_ptr<int64_t>();
   T* sqdist_ptr = sqdist.data_ptr<T>();
+  auto problem_of = [&](int64_t b) {
+    return Problem<T>{x_ptr + b * N * D, panels.get() + b * panels_size, c_ptr + b * K * D,
+                      cnorm.get() + b * cnorm_size, mask != nullptr ? mask + b * N : nullptr,
+                      labels_ptr + b * N, sqdist_ptr + b * N, bounds.empty() ? nullptr : &bounds[b],
+                      N, D, K};
+  };
+  if (bounds_args == nullptr) {
+    // Work items of a fixed number of points, so every thread count gives the same partition
+    // (each point's result depends on nothing else anyway).
+    constexpr int64_t kChunk = 128;
+    const int64_t chunks = (N + kChunk - 1) / kChunk;
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t b = item / chunks;
+        const int64_t n0 = (item % chunks) * kChunk;
+        const Problem<T> problem = problem_of(b);
+        rows_fn(&problem, n0, std::min(N, n0 + kChunk), nullptr, nullptr);
+      }
+    });
+    return;
+  }
+  // With the fused update: work items are region_pool's chunks, each with its partial sums.
+  const int64_t chunks = segment_sum::chunk_count(B, N, D, K, int64_t(sizeof(T)));
+  const int64_t chunk = (N + chunks - 1) / chunks;
+  std::unique_ptr<T[]> partial(new T[B * chunks * K * D]);  // zeroed per work item
+  std::unique_ptr<int64_t[]> partial_counts(new int64_t[B * chunks * K]);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks;
-      const int64_t n0 = (item % chunks) * kChunk;
-      const int64_t n1 = std::min(N, n0 + kChunk);
-      const Problem<T> problem{x_ptr + b * N * D, panels.data() + b * panels_size,
-                               c_ptr + b * K * D, cnorm.data() + b * cnorm_size,
-                               mask != nullptr ? mask + b * N : nullptr,
-                               labels_ptr + b * N, sqdist_ptr + b * N,
-                               bounds.empty() ? nullptr : &bounds[b], N, D, K};
-      rows_fn(&problem, n0, n1);
+      const int64_t n0 = (item % chunks) * chunk;
+      T* sums = partial.get() + item * K * D;
+      int64_t* count = partial_counts.get() + item * K;
+      std::fill(sums, sums + K * D, T(0));
+      std::fill(count, count + K, int64_t(0));
+      if (n0 >= N) continue;
+      const Problem<T> problem = problem_of(b);
+      rows_fn(&problem, n0, std::min(N, n0 + chunk), sums, count);
+    }
+  });
+  T* means = bounds_args->means.data_ptr<T>();
+  int64_t* counts = bounds_args->counts.data_ptr<int64_t>();
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> sum(D);
+    for (int64_t row = begin; row < end; ++row) {
+      segment_sum::finish_row<T, T>(partial.get(), partial_counts.get(), chunks, K, D, row, sum.data(),
+                                    means, counts);
     }
   });
 }
@@ -415,12 +478,12 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   return {r.labels, r.sqdist};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounded_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounded_cpu(
     const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& mask,
     const at::Tensor& labels, const at::Tensor& upper, const at::Tensor& lower, const at::Tensor& drift,
     double err_scale) {
   Prepared r = prepare("kmeans_assign_bounded", x, centroids, mask);
-  const int64_t B = x.size(0), N = x.size(1), K = centroids.size(1);
+  const int64_t B = x.size(0), N = x.size(1), K = centroids.size(1), D = x.size(2);
   for (const auto* t : {&labels, &upper, &lower}) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == N,
                 "kmeans_assign_bounded: labels, upper and lower must be [B, N], got ", t->sizes());
@@ -429,9 +492,147 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounded
               "kmeans_assign_bounded: drift must be [B, K], got ", drift.sizes());
   BoundsArgs a{labels.to(at::kLong).contiguous(), upper.to(r.compute).contiguous(),
                lower.to(r.compute).contiguous(), drift.to(r.compute).contiguous(),
-               at::empty({B, N}, r.x.options()), at::empty({B, N}, r.x.options()), err_scale};
+               at::empty({B, N}, r.x.options()), at::empty({B, N}, r.x.options()), err_scale,
+               at::empty({B, K, D}, r.x.options()), at::empty({B, K}, r.labels.options())};
+  if (B * N == 0) {  // no kernel runs: every cluster is empty
+    a.means.zero_();
+    a.counts.zero_();
+  }
   run(r, &a);
-  return {r.labels, r.sqdist, a.upper, a.lower};
+  return {r.labels, r.sqdist, a.upper, a.lower, a.means, a.counts};
+}
+
+
+// ---- whole Lloyd iterations per problem (kmeans_lloyd) -------------------------------------------
+//
+// The iterations of one problem back to back, so its points stay in cache from one iteration to
+// the next (a batch-wide step streams every problem through memory each iteration) and no host
+// round trip separates the steps. The same steps as tmt_ext.reference.kmeans.lloyd with the
+// bounded assign kernel: assign + fused update, empty clusters moved onto the farthest points,
+// cosine re-normalisation, the per-problem tol stop, Hamerly's bounds.
+
+// The e-th empty cluster (in index order) moves onto the e-th farthest valid point from its
+// centroid; ties: the lowest point index. Distances are compared as float32, as the reference.
+template <typename T>
+void reseed_empty(const T* x, const bool* mask, const T* sqdist, const int64_t* counts, T* means,
+                  int64_t N, int64_t D, int64_t K) {
+  std::vector<int64_t> empty;
+  for (int64_t k = 0; k < K; ++k) {
+    if (counts[k] == 0) empty.push_back(k);
+  }
+  if (empty.empty()) return;
+  // One key per point orders by (distance desc, index asc): the bits of a non-negative float
+  // sort like its value.
+  std::vector<std::pair<int64_t, int64_t>> keys;  // (-(bits + 1), index): ascending = farthest first
+  keys.reserve(N);
+  for (int64_t n = 0; n < N; ++n) {
+    if (mask != nullptr && !mask[n]) continue;
+    const float dist = std::max(0.0f, static_cast<float>(sqdist[n]));
+    int32_t bits;
+    std::memcpy(&bits, &dist, sizeof(bits));
+    keys.emplace_back(-(int64_t(bits) + 1), n);
+  }
+  const int64_t take = std::min<int64_t>(int64_t(empty.size()), int64_t(keys.size()));
+  std::partial_sort(keys.begin(), keys.begin() + take, keys.end());
+  for (size_t e = 0; e < empty.size(); ++e) {
+    const int64_t point = keys[std::min<int64_t>(int64_t(e), take - 1)].second;
+    std::memcpy(means + empty[e] * D, x + point * D, sizeof(T) * D);
+  }
+}
+
+template <typename T>
+void lloyd_problem(RowsFn rows_fn, int64_t lanes, const T* x, const bool* mask, T* centroids,
+                   int64_t N, int64_t D, int64_t K, int64_t chunks, int64_t iters, double tol,
+                   bool spherical, T err_scale, int64_t* n_iter) {
+  const int64_t panels_size = panel_count(K, lanes) * 2 * lanes * D;
+  const int64_t cnorm_size = panel_count(K, lanes) * 2 * lanes;
+  const int64_t chunk = (N + chunks - 1) / chunks;
+  std::vector<T> panels(panels_size), cnorm(cnorm_size), means(K * D), sum(D);
+  std::vector<T> partial(chunks * K * D), sqdist(N), upper(N, T(0)), drift(K, T(0));
+  std::vector<T> lower(N, -std::numeric_limits<T>::infinity());  // first pass: compute all
+  std::vector<int64_t> labels(N, 0), scratch_labels(N), partial_counts(chunks * K), counts(K);
+  int64_t ran = 0;
+  for (int64_t it = 0; it < iters; ++it) {
+    pack_problem<T>(centroids, K, D, lanes, panels.data(), cnorm.data());
+    // Inputs and outputs of the bounds may alias: each point's are read before they are written.
+    const Bounds<T> bounds{labels.data(), upper.data(), lower.data(), drift.data(),
+                           *std::max_element(drift.begin(), drift.end()), err_scale,
+                           *std::max_element(cnorm.begin(), cnorm.begin() + K), upper.data(),
+                           lower.data()};
+    const Problem<T> problem{x, panels.data(), centroids, cnorm.data(), mask, labels.data(),
+                             sqdist.data(), &bounds, N, D, K};
+    std::fill(partial.begin(), partial.end(), T(0));
+    std::fill(partial_counts.begin(), partial_counts.end(), int64_t(0));
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+      if (n0 < n1) rows_fn(&problem, n0, n1, partial.data() + c * K * D, partial_counts.data() + c * K);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      segment_sum::finish_row<T, T>(partial.data(), partial_counts.data(), chunks, K, D, k, sum.data(),
+                                    means.data(), counts.data());
+    }
+    if (std::find(counts.begin(), counts.end(), int64_t(0)) != counts.end()) {
+      // Skipped points carry no distance: assign every point again, without bounds.
+      const Problem<T> plain{x, panels.data(), centroids, cnorm.data(), mask, scratch_labels.data(),
+                             sqdist.data(), nullptr, N, D, K};
+      rows_fn(&plain, 0, N, nullptr, nullptr);
+      reseed_empty<T>(x, mask, sqdist.data(), counts.data(), means.data(), N, D, K);
+    }
+    if (spherical) {  // as torch.nn.functional.normalize (eps 1e-12)
+      for (int64_t k = 0; k < K; ++k) {
+        T* m = means.data() + k * D;
+        T norm = 0;
+        for (int64_t d = 0; d < D; ++d) norm += m[d] * m[d];
+        const T scale = T(1) / std::max(std::sqrt(norm), T(1e-12));
+        for (int64_t d = 0; d < D; ++d) m[d] *= scale;
+      }
+    }
+    T shift = 0, scale = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      T moved = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const T diff = means[k * D + d] - centroids[k * D + d];
+        moved += diff * diff;
+        scale += centroids[k * D + d] * centroids[k * D + d];
+      }
+      drift[k] = std::sqrt(moved);
+      shift += moved;
+    }
+    std::copy(means.begin(), means.end(), centroids);
+    ++ran;
+    if (tol > 0 && !(shift > T(tol) * scale)) break;  // converged: these centroids stay
+  }
+  *n_iter = ran;
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_lloyd_cpu(const at::Tensor& x, const at::Tensor& centroids,
+                                                    const std::optional<at::Tensor>& mask, int64_t iters,
+                                                    double tol, bool spherical, double err_scale) {
+  Prepared r = prepare("kmeans_lloyd", x, centroids, mask);
+  TORCH_CHECK(iters >= 0, "kmeans_lloyd: iters must be >= 0, got ", iters);
+  TORCH_CHECK(tol >= 0, "kmeans_lloyd: tol must be >= 0, got ", tol);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = centroids.size(1);
+  at::Tensor out = r.centroids.clone();
+  at::Tensor n_iter = at::zeros({B}, x.options().dtype(at::kLong));
+  if (B == 0 || N == 0 || iters == 0) return {out, n_iter};
+  const bool* mask_ptr = r.mask.defined() ? r.mask.data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(r.compute, "kmeans_lloyd_cpu", [&] {
+    using T = scalar_t;
+    const auto [rows_fn, lanes] = pick_variant<T>();
+    // region_pool's chunks of a problem, so the means are region_pool's bit for bit.
+    const int64_t chunks = segment_sum::chunk_count(B, N, D, K, int64_t(sizeof(T)));
+    const T* x_ptr = r.x.data_ptr<T>();
+    T* c_ptr = out.data_ptr<T>();
+    int64_t* n_ptr = n_iter.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        lloyd_problem<T>(rows_fn, lanes, x_ptr + b * N * D, mask_ptr != nullptr ? mask_ptr + b * N : nullptr,
+                         c_ptr + b * K * D, N, D, K, chunks, iters, tol, spherical, static_cast<T>(err_scale),
+                         n_ptr + b);
+      }
+    });
+  });
+  return {out, n_iter};
 }
 
 }  // namespace
@@ -439,6 +640,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_assign_bounded
 TORCH_LIBRARY_IMPL(tmt_ext, CPU, m) {
   m.impl("kmeans_assign", &kmeans_assign_cpu);
   m.impl("kmeans_assign_bounded", &kmeans_assign_bounded_cpu);
+  m.impl("kmeans_lloyd", &kmeans_lloyd_cpu);
 }
 
 }  // namespace tmt_ext

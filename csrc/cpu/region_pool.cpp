@@ -9,28 +9,11 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/segment_sum.h"
 #include "cpu/simd.h"
 
 namespace tmt_ext {
 namespace {
-
-// sums[label] += x_n for the points of one problem, vectorized over D (float and double, whose
-// accumulator is their own type). Per element the order of the additions is the point order,
-// as in the scalar loop.
-template <typename T, int W>
-TMT_ALWAYS_INLINE void accumulate_impl(const T* x, const int64_t* labels, T* sums, int64_t* count,
-                                       int64_t N, int64_t D) {
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t label = labels[n];
-    if (label < 0) continue;  // ignored point (padding)
-    const T* point = x + n * D;
-    T* sum = sums + label * D;
-    int64_t d = 0;
-    for (; d + W <= D; d += W) simd::store<T, W>(sum + d, simd::load<T, W>(sum + d) + simd::load<T, W>(point + d));
-    for (; d < D; ++d) sum[d] += point[d];
-    count[label] += 1;
-  }
-}
 
 template <typename T>
 using AccumulateFn = void (*)(const T*, const int64_t*, T*, int64_t*, int64_t, int64_t);
@@ -39,18 +22,18 @@ using AccumulateFn = void (*)(const T*, const int64_t*, T*, int64_t*, int64_t, i
 template <typename T>
 TMT_TARGET_AVX512 void accumulate_avx512(const T* x, const int64_t* labels, T* sums, int64_t* count,
                                          int64_t N, int64_t D) {
-  accumulate_impl<T, 64 / sizeof(T)>(x, labels, sums, count, N, D);
+  segment_sum::accumulate<T, 64 / sizeof(T)>(x, labels, sums, count, N, D);
 }
 template <typename T>
 TMT_TARGET_AVX2 void accumulate_avx2(const T* x, const int64_t* labels, T* sums, int64_t* count,
                                      int64_t N, int64_t D) {
-  accumulate_impl<T, 32 / sizeof(T)>(x, labels, sums, count, N, D);
+  segment_sum::accumulate<T, 32 / sizeof(T)>(x, labels, sums, count, N, D);
 }
 #endif
 
 template <typename T>
 void accumulate_baseline(const T* x, const int64_t* labels, T* sums, int64_t* count, int64_t N, int64_t D) {
-  accumulate_impl<T, 16 / sizeof(T)>(x, labels, sums, count, N, D);
+  segment_sum::accumulate<T, 16 / sizeof(T)>(x, labels, sums, count, N, D);
 }
 
 // The widest variant for float/double; null for the types accumulated in a wider type.
@@ -70,19 +53,13 @@ AccumulateFn<T> pick_accumulate() {
   }
 }
 
-// Points per chunk, and the most memory the per-chunk partial sums may take.
-constexpr int64_t kChunk = 4096;
-constexpr int64_t kPartialBytes = int64_t(64) << 20;
-
 template <typename scalar_t, typename acc_t>
 void region_pool_kernel(const scalar_t* x, const int64_t* labels, scalar_t* means, int64_t* counts,
                         int64_t B, int64_t N, int64_t D, int64_t K) {
-  // The points of a problem are cut into chunks (by the shapes alone, never by the thread count);
-  // every (problem, chunk) sums its points in order into its own partial sums, and the partials
-  // are added in chunk order: no synchronization, and the same result for any thread count.
+  // Chunked partial sums (segment_sum.h): no synchronization, the same result for any thread
+  // count, and the same as k-means' fused update.
   const AccumulateFn<scalar_t> accumulate = pick_accumulate<scalar_t, acc_t>();
-  const int64_t per_chunk = std::max<int64_t>(1, K * D) * int64_t(sizeof(acc_t)) * B;
-  const int64_t chunks = std::max<int64_t>(1, std::min((N + kChunk - 1) / kChunk, kPartialBytes / per_chunk));
+  const int64_t chunks = segment_sum::chunk_count(B, N, D, K, int64_t(sizeof(acc_t)));
   const int64_t chunk = (N + chunks - 1) / chunks;
   std::vector<acc_t> partial(B * chunks * K * D);
   std::vector<int64_t> partial_counts(B * chunks * K);
@@ -113,20 +90,8 @@ void region_pool_kernel(const scalar_t* x, const int64_t* labels, scalar_t* mean
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(D);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / K, c = row % K;
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      int64_t count = 0;
-      for (int64_t part = 0; part < chunks; ++part) {
-        const int64_t item = b * chunks + part;
-        const acc_t* partial_sum = partial.data() + (item * K + c) * D;
-        for (int64_t d = 0; d < D; ++d) sum[d] += partial_sum[d];
-        count += partial_counts[item * K + c];
-      }
-      counts[row] = count;
-      // An empty region has mean zero (not NaN).
-      const acc_t inv = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
-      scalar_t* mean = means + row * D;
-      for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<scalar_t>(sum[d] * inv);
+      segment_sum::finish_row<scalar_t, acc_t>(partial.data(), partial_counts.data(), chunks, K, D, row,
+                                               sum.data(), means, counts);
     }
   });
 }

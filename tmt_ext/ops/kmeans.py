@@ -1,6 +1,7 @@
 """Batched k-means (``kmeans``) and its fused assign step (``kmeans_assign``).
 
-The update step is ``region_pool`` (per-cluster means and counts, negative labels ignored).
+The update step is ``region_pool`` (per-cluster means and counts, negative labels ignored); on
+the CPU it runs inside the bounded assign kernel (``kmeans_assign_bounded``).
 """
 
 from typing import Optional, Tuple, Union
@@ -9,7 +10,8 @@ import torch
 
 from tmt_ext import _native
 from tmt_ext.ops._checks import FLOAT_DTYPES, check_finite, check_int, check_same_device, check_tensor
-from tmt_ext.reference.kmeans import KMeansResult, kmeans_assign_reference, lloyd
+from tmt_ext.reference.kmeans import (KMeansResult, bounds_err_scale, initial_centroids,
+                                      kmeans_assign_reference, lloyd)
 from tmt_ext.reference.region_pool import region_pool_reference
 
 __all__ = ["KMeansResult", "kmeans", "kmeans_assign"]
@@ -130,7 +132,12 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 25, tol: float = 1e-4,
     update, a few batched tensor ops (no per-problem launches). Empty clusters move onto the
     points farthest from their centroids (the e-th empty cluster onto the e-th farthest point).
     On the CPU the assign step also keeps Hamerly's bounds and skips the points whose label
-    cannot change (the same iterations, fewer distances; most points in late iterations).
+    cannot change (the same iterations, fewer distances; most points in late iterations), and
+    does the update in the same pass (each block of points is added to its clusters' sums while
+    still in cache; the sums are ``region_pool``'s, bit for bit). With at least as many
+    problems as threads, the CPU runs all iterations of a problem in one kernel call
+    (``kmeans_lloyd``): its points stay in cache from one iteration to the next, problems run
+    in parallel, and the result is that of the step-by-step loop (bit for bit for ``l2``).
     k-means++ runs in a CPU kernel that seeds each problem with its points kept in cache; on
     CUDA as batched tensor ops over the fused assign kernel, one round for all problems at a
     time. On CUDA the per-problem stop flags stay on the device and the host reads them every 8
@@ -192,6 +199,9 @@ def _run(x, k, *, iters, tol, init, seed, mask, metric, backend) -> KMeansResult
     if backend == "faiss":
         return _kmeans_faiss(x, k, iters=iters, init=init, seed=seed, mask=mask, metric=metric)
     native = backend == "auto" and _native.use_native("kmeans", x.device)
+    if native and x.device.type == "cpu" and x.shape[0] >= torch.get_num_threads():
+        return _lloyd_cpu(x, k, iters=iters, tol=tol, init=init, seed=seed, mask=mask,
+                          metric=metric)
     plusplus = assign_bounded = None  # without: the batched reference seeding, no bounds
     if native:
         assign, update = torch.ops.tmt_ext.kmeans_assign, torch.ops.tmt_ext.region_pool
@@ -204,6 +214,21 @@ def _run(x, k, *, iters, tol, init, seed, mask, metric, backend) -> KMeansResult
     return lloyd(x, k, iters=iters, tol=tol, init=init, seed=seed, mask=mask, metric=metric,
                  assign=assign, update=update, plusplus=plusplus, sync_every=sync_every,
                  assign_bounded=assign_bounded)
+
+
+def _lloyd_cpu(x, k, *, iters, tol, init, seed, mask, metric) -> KMeansResult:
+    """:func:`lloyd` with the iterations of each problem run back to back in one kernel call
+    (``kmeans_lloyd``: a problem's points stay in cache across iterations, no per-step host
+    work); problems in parallel, so used when there are at least as many problems as threads."""
+    ops = torch.ops.tmt_ext
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=-1)
+    centroids = initial_centroids(x, k, init=init, seed=seed, mask=mask, metric=metric,
+                                  assign=ops.kmeans_assign, plusplus=ops.kmeans_plusplus)
+    centroids, n_iter = ops.kmeans_lloyd(x, centroids, mask, iters, tol, metric == "cosine",
+                                         bounds_err_scale(x))
+    labels, sqdist = ops.kmeans_assign(x, centroids, mask)
+    return KMeansResult(centroids, labels, sqdist.sum(dim=1), int(n_iter.max()))
 
 
 def _kmeans_faiss(x, k, *, iters, init, seed, mask, metric) -> KMeansResult:
@@ -285,7 +310,15 @@ if _native._C is not None:
     @torch.library.register_fake("tmt_ext::kmeans_assign_bounded")
     def _kmeans_assign_bounded_fake(x, centroids, mask, labels, upper, lower, drift, err_scale):
         labels_out, sqdist = _kmeans_assign_fake(x, centroids, mask)
-        return labels_out, sqdist, torch.empty_like(sqdist), torch.empty_like(sqdist)
+        means = x.new_empty(centroids.shape, dtype=sqdist.dtype)
+        counts = x.new_empty(centroids.shape[:2], dtype=torch.int64)
+        return labels_out, sqdist, torch.empty_like(sqdist), torch.empty_like(sqdist), means, counts
+
+    @torch.library.register_fake("tmt_ext::kmeans_lloyd")
+    def _kmeans_lloyd_fake(x, centroids, mask, iters, tol, spherical, err_scale):
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (centroids.new_empty(centroids.shape, dtype=dtype),
+                x.new_empty(x.shape[0], dtype=torch.int64))
 
     @torch.library.register_fake("tmt_ext::kmeans_plusplus")
     def _kmeans_plusplus_fake(x, uniforms, mask=None):

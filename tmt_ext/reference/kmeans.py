@@ -26,7 +26,7 @@ class KMeansResult(NamedTuple):
 AssignFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
 UpdateFn = Callable[[torch.Tensor, torch.Tensor, int], Tuple[torch.Tensor, torch.Tensor]]
 SeedFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-BoundedFn = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+BoundedFn = Callable[..., Tuple[torch.Tensor, ...]]
 
 
 def kmeans_assign_reference(x: torch.Tensor, centroids: torch.Tensor,
@@ -55,8 +55,9 @@ def kmeans_assign_bounded_reference(x: torch.Tensor, centroids: torch.Tensor, ma
     bound ``(lower - max drift) (1 - s)`` keeps its label (sqdist -1, not computed); every other
     point is assigned and gets ``upper = sqrt(d1 + err) (1 + s)``, ``lower = sqrt(max(d2 - err,
     0)) (1 - s)`` from its squared distances d1, d2 to the nearest and second nearest centroid,
-    ``err = err_scale (||x||^2 + max_k ||c_k||^2)``, ``s = 4 eps``. -> (labels, sqdist, upper,
-    lower); padding: -1, 0, 0, 0."""
+    ``err = err_scale (||x||^2 + max_k ||c_k||^2)``, ``s = 4 eps``. Fused with the update step:
+    -> (labels, sqdist, upper, lower, means, counts), the last two ``region_pool`` of the new
+    labels; padding: -1, 0, 0, 0."""
     B, N, _ = x.shape
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, centroids = x.to(compute), centroids.to(compute)
@@ -80,7 +81,8 @@ def kmeans_assign_bounded_reference(x: torch.Tensor, centroids: torch.Tensor, ma
     sqdist = torch.where(keep, torch.full_like(d1, -1.0), d1).masked_fill(~valid, 0)
     out_upper = torch.where(keep, moved_upper, new_upper).masked_fill(~valid, 0)
     out_lower = torch.where(keep, moved_lower, new_lower).masked_fill(~valid, 0)
-    return out_labels, sqdist, out_upper, out_lower
+    means, counts = region_pool_reference(x, out_labels, centroids.shape[1])
+    return out_labels, sqdist, out_upper, out_lower, means, counts
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -151,6 +153,39 @@ def _normalize(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=-1)
 
 
+def initial_centroids(x: torch.Tensor, k: int, *, init: Union[str, torch.Tensor], seed: int,
+                      mask: Optional[torch.Tensor], metric: str, assign: AssignFn,
+                      plusplus: Optional[SeedFn] = None) -> torch.Tensor:
+    """The starting centroids ``[B, k, D]`` of :func:`lloyd` (x already normalised for
+    ``metric="cosine"``): the given tensor, k-means++ (``plusplus`` kernel, else the batched
+    reference) or k distinct random points, drawn from a generator seeded with ``seed``."""
+    B, N, _ = x.shape
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(seed)
+    if isinstance(init, torch.Tensor):
+        centroids = init.to(x.dtype)
+    elif init == "kmeans++":
+        uniforms = torch.rand(B, k, generator=generator, dtype=torch.float64, device=x.device)
+        if plusplus is None:
+            index = kmeans_plusplus_reference(x, uniforms, mask, assign)
+        else:
+            index = plusplus(x, uniforms, mask)
+        centroids = _gather_rows(x, index)
+    else:
+        valid = mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
+        centroids = random_init(x, k, generator, valid)
+    if metric == "cosine":
+        centroids = _normalize(centroids)
+    return centroids
+
+
+def bounds_err_scale(x: torch.Tensor) -> float:
+    """Rounding bound of a computed squared distance, relative to ``||x||^2 + ||c||^2``:
+    |computed - exact| of ``||x||^2 - 2 x.c + ||c||^2`` stays below about D eps (||x||^2 +
+    ||c||^2) (sums of D products); twice that, plus the final additions, to be safe."""
+    return 2.0 * (x.shape[-1] + 2) * torch.finfo(x.dtype).eps
+
+
 def lloyd(x: torch.Tensor, k: int, *, iters: int, tol: float, init: Union[str, torch.Tensor],
           seed: int, mask: Optional[torch.Tensor], metric: str, assign: AssignFn,
           update: UpdateFn, plusplus: Optional[SeedFn] = None, sync_every: int = 1,
@@ -166,7 +201,8 @@ def lloyd(x: torch.Tensor, k: int, *, iters: int, tol: float, init: Union[str, t
     the host whether any cluster is empty before re-seeding; without it re-seeding always runs
     (a no-op when nothing is empty).
 
-    With ``assign_bounded`` (kmeans_assign_bounded), the assign step skips the points whose
+    With ``assign_bounded`` (kmeans_assign_bounded, which also does the update step), the assign
+    step skips the points whose
     label provably cannot change (Hamerly's bounds): an upper bound on the distance to the own
     centroid and a lower bound on the distance to any other, both widened by the rounding error
     of the computed distances and moved by the centroids' drift every iteration. Skipped points
@@ -175,23 +211,10 @@ def lloyd(x: torch.Tensor, k: int, *, iters: int, tol: float, init: Union[str, t
     """
     B, N, _ = x.shape
     valid = mask if mask is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
-    generator = torch.Generator(device=x.device)
-    generator.manual_seed(seed)
     if metric == "cosine":
         x = _normalize(x)
-    if isinstance(init, torch.Tensor):
-        centroids = init.to(x.dtype)
-    elif init == "kmeans++":
-        uniforms = torch.rand(B, k, generator=generator, dtype=torch.float64, device=x.device)
-        if plusplus is None:
-            index = kmeans_plusplus_reference(x, uniforms, mask, assign)
-        else:
-            index = plusplus(x, uniforms, mask)
-        centroids = _gather_rows(x, index)
-    else:
-        centroids = random_init(x, k, generator, valid)
-    if metric == "cosine":
-        centroids = _normalize(centroids)
+    centroids = initial_centroids(x, k, init=init, seed=seed, mask=mask, metric=metric,
+                                  assign=assign, plusplus=plusplus)
     active = torch.ones(B, dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(B, dtype=torch.int64, device=x.device)
     on_host = x.device.type == "cpu" if host_checks is None else host_checks
@@ -200,9 +223,9 @@ def lloyd(x: torch.Tensor, k: int, *, iters: int, tol: float, init: Union[str, t
     for step in range(iters):
         if bounds is None:
             labels, sqdist = assign(x, centroids, mask)
-        else:
-            labels, sqdist = bounds.assign(assign_bounded, centroids, mask)
-        means, counts = update(x, labels, k)
+            means, counts = update(x, labels, k)
+        else:  # the update step is fused into the bounded assign step
+            labels, sqdist, means, counts = bounds.assign(assign_bounded, centroids, mask)
         # On the CPU the check is cheap; a GPU would have to wait for the answer.
         if not on_host or int(counts.min()) == 0:
             if bounds is not None and bool((sqdist < 0).any()):
@@ -233,19 +256,17 @@ class _Bounds:
     def __init__(self, x: torch.Tensor, k: int):
         B, N, D = x.shape
         self.x = x
-        # |computed - exact| of ||x||^2 - 2 x.c + ||c||^2 stays below about D eps (||x||^2 + ||c||^2)
-        # (sums of D products); twice that, plus the final additions, to be safe.
-        self.err_scale = 2.0 * (D + 2) * torch.finfo(x.dtype).eps
+        self.err_scale = bounds_err_scale(x)
         self.labels = torch.zeros(B, N, dtype=torch.int64, device=x.device)
         self.upper = torch.zeros(B, N, dtype=x.dtype, device=x.device)
         self.lower = torch.full((B, N), -float("inf"), dtype=x.dtype, device=x.device)  # compute all
         self.moved = torch.zeros(B, k, dtype=x.dtype, device=x.device)
 
     def assign(self, assign_bounded: BoundedFn, centroids: torch.Tensor, mask: Optional[torch.Tensor]):
-        """-> (labels, sqdist: -1 where a point was skipped)."""
-        self.labels, sqdist, self.upper, self.lower = assign_bounded(
+        """-> (labels, sqdist: -1 where a point was skipped, means, counts)."""
+        self.labels, sqdist, self.upper, self.lower, means, counts = assign_bounded(
             self.x, centroids, mask, self.labels, self.upper, self.lower, self.moved, self.err_scale)
-        return self.labels, sqdist
+        return self.labels, sqdist, means, counts
 
     def drift(self, old: torch.Tensor, new: torch.Tensor) -> None:
         """The centroids move from old to new before the next assign step."""

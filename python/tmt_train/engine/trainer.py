@@ -204,6 +204,19 @@ class TrainModule(nn.Module):
         return logits, out.loss_dom
 
 
+class TMAPredictor(nn.Module):
+    """Inference *with* ACTE + TMA (regions and bias computed on the test image itself, no
+    labels): the alternative to the TMA-off inference model, reported beside it as
+    ``target_miou_tma`` so both readings of the method are measured on the same weights."""
+
+    def __init__(self, module: TrainModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module._logits(images, None, None)[0]
+
+
 def uda_step_config(cfg: Config) -> UDAConfig:
     """The :class:`tmt_train.uda.UDAConfig` of a run's ``uda`` section."""
     u = cfg.uda
@@ -703,6 +716,9 @@ class Trainer:
                       stride=t.eval_stride, precision=t.precision)
         tgt = evaluate(self.model, self.target.eval, **common) if self.target.eval else None
         src = evaluate(self.model, self.source.eval, **common) if self.source.eval else None
+        tgt_tma = None
+        if self.module.acte is not None and self.target.eval:
+            tgt_tma = evaluate(TMAPredictor(self.module), self.target.eval, **common)
         # mean training losses since the last evaluation (all ranks)
         keys = LOSS_KEYS + ["n"]
         sums = torch.tensor([float(running.get(k, 0.0)) for k in keys], dtype=torch.float64)
@@ -727,6 +743,9 @@ class Trainer:
             "source_acc": src["acc"] if src else None,
             "target_iou": tgt["iou"] if tgt else None,
             "source_iou": src["iou"] if src else None,
+            # TMT methods: the same weights evaluated with ACTE + TMA at test time
+            "target_miou_tma": tgt_tma["miou"] if tgt_tma else None,
+            "target_iou_tma": tgt_tma["iou"] if tgt_tma else None,
             "class_names": list(self.class_names),
             "train_losses": losses, "lr": self.scheduler.get_last_lr()[0],
             "tma_lambda": lam, "elapsed_s": elapsed, "final": final,
@@ -742,7 +761,8 @@ class Trainer:
                               "source_acc": metrics["source_acc"], "elapsed_s": elapsed})
             tm = "n/a" if tgt is None else f"{tgt['miou']:.2f}"
             sm = "n/a" if src is None else f"{src['miou']:.2f}"
-            self.log(f"[{self.method}] step {step}/{self.total_steps}: target mIoU {tm}, "
+            tma = "" if tgt_tma is None else f" (TMA at test time: {tgt_tma['miou']:.2f})"
+            self.log(f"[{self.method}] step {step}/{self.total_steps}: target mIoU {tm}{tma}, "
                      f"source mIoU {sm}")
             if final:
                 self._finish()
