@@ -265,12 +265,14 @@ def save_mrm_figure(model: Segmentor, teacher, rebuilder, items: List[dict], pat
             ax = axes[row, col]
             ax.imshow(panel, interpolation="nearest")
             _clean(ax)
-            title = name if row == 0 else ""
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+            # per-image facts under the panel (a title would run into the row above)
             if col == 1:
-                title += f"\n{grid}x{grid} cells, {100 * (1 - maps['keep'].mean()):.0f}% masked"
+                ax.set_xlabel(f"{grid}x{grid} cells, {100 * (1 - maps['keep'].mean()):.0f}% "
+                              "masked", fontsize=8)
             elif col == 2:
-                title += f"\nweight {maps['weight']:.2f}"
-            ax.set_title(title.strip(), fontsize=8)
+                ax.set_xlabel(f"weight {maps['weight']:.2f}", fontsize=8)
     from matplotlib.patches import Patch
 
     handles = [Patch(facecolor=colors[i], edgecolor="black", label=str(name))
