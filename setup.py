@@ -11,8 +11,8 @@ Switches (environment variables):
 
 import glob
 import os
-import sys
 import re
+import sys
 
 from setuptools import find_packages, setup
 

@@ -344,6 +344,20 @@ std::pair<RowsFn, int64_t> pick_variant() {
   return {&assign_rows_baseline<T>, lanes};
 }
 
+// Chunk `c` (of `chunk` points) of a problem with the fused update: zeroes the chunk's partial
+// sums [K][D] and counts [K], then assigns its points and adds them in.
+template <typename T>
+void assign_pool_chunk(RowsFn rows_fn, const Problem<T>& problem, int64_t c, int64_t chunk,
+                       T* partial, int64_t* partial_counts) {
+  const int64_t K = problem.K, D = problem.D;
+  T* sums = partial + c * K * D;
+  int64_t* count = partial_counts + c * K;
+  std::fill(sums, sums + K * D, T(0));
+  std::fill(count, count + K, int64_t(0));
+  const int64_t n0 = c * chunk, n1 = std::min(problem.N, n0 + chunk);
+  if (n0 < n1) rows_fn(&problem, n0, n1, sums, count);
+}
+
 // Bounds tensors of kmeans_assign_bounded (all contiguous, compute dtype).
 struct BoundsArgs {
   at::Tensor labels_in, upper_in, lower_in, drift, upper, lower;
@@ -411,14 +425,8 @@ void kmeans_assign_kernel(const at::Tensor& x, const at::Tensor& centroids, cons
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / chunks;
-      const int64_t n0 = (item % chunks) * chunk;
-      T* sums = partial.get() + item * K * D;
-      int64_t* count = partial_counts.get() + item * K;
-      std::fill(sums, sums + K * D, T(0));
-      std::fill(count, count + K, int64_t(0));
-      if (n0 >= N) continue;
-      const Problem<T> problem = problem_of(b);
-      rows_fn(&problem, n0, std::min(N, n0 + chunk), sums, count);
+      assign_pool_chunk<T>(rows_fn, problem_of(b), item % chunks, chunk,
+                           partial.get() + b * chunks * K * D, partial_counts.get() + b * chunks * K);
     }
   });
   T* means = bounds_args->means.data_ptr<T>();
@@ -561,21 +569,20 @@ void lloyd_problem(RowsFn rows_fn, int64_t lanes, const T* x, const bool* mask, 
                            lower.data()};
     const Problem<T> problem{x, panels.data(), centroids, cnorm.data(), mask, labels.data(),
                              sqdist.data(), &bounds, N, D, K};
-    std::fill(partial.begin(), partial.end(), T(0));
-    std::fill(partial_counts.begin(), partial_counts.end(), int64_t(0));
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-      if (n0 < n1) rows_fn(&problem, n0, n1, partial.data() + c * K * D, partial_counts.data() + c * K);
+      assign_pool_chunk<T>(rows_fn, problem, c, chunk, partial.data(), partial_counts.data());
     }
     for (int64_t k = 0; k < K; ++k) {
       segment_sum::finish_row<T, T>(partial.data(), partial_counts.data(), chunks, K, D, k, sum.data(),
                                     means.data(), counts.data());
     }
     if (std::find(counts.begin(), counts.end(), int64_t(0)) != counts.end()) {
-      // Skipped points carry no distance: assign every point again, without bounds.
-      const Problem<T> plain{x, panels.data(), centroids, cnorm.data(), mask, scratch_labels.data(),
-                             sqdist.data(), nullptr, N, D, K};
-      rows_fn(&plain, 0, N, nullptr, nullptr);
+      if (std::any_of(sqdist.begin(), sqdist.end(), [](T d) { return d < T(0); })) {
+        // Skipped points carry no distance: assign every point again, without bounds.
+        const Problem<T> plain{x, panels.data(), centroids, cnorm.data(), mask, scratch_labels.data(),
+                               sqdist.data(), nullptr, N, D, K};
+        rows_fn(&plain, 0, N, nullptr, nullptr);
+      }
       reseed_empty<T>(x, mask, sqdist.data(), counts.data(), means.data(), N, D, K);
     }
     if (spherical) {  // as torch.nn.functional.normalize (eps 1e-12)

@@ -202,10 +202,10 @@ def lloyd(x: torch.Tensor, k: int, *, iters: int, tol: float, init: Union[str, t
     (a no-op when nothing is empty).
 
     With ``assign_bounded`` (kmeans_assign_bounded, which also does the update step), the assign
-    step skips the points whose
-    label provably cannot change (Hamerly's bounds): an upper bound on the distance to the own
-    centroid and a lower bound on the distance to any other, both widened by the rounding error
-    of the computed distances and moved by the centroids' drift every iteration. Skipped points
+    step skips the points whose label provably cannot change (Hamerly's bounds): an upper bound
+    on the distance to the own centroid and a lower bound on the distance to any other, both
+    widened by the rounding error of the computed distances and moved by the centroids' drift
+    every iteration. Skipped points
     keep their label, so the iterations are the same Lloyd iterations with fewer distances
     computed (in late iterations, most points are skipped).
     """
