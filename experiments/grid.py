@@ -7,6 +7,7 @@ study continues where it stopped when started again.
 
     python experiments/grid.py tmt --jobs 2      # experiments/tmt_results.{json,md,png}
     python experiments/grid.py mrm --jobs 2
+    python experiments/grid.py mrm_start --jobs 2   # diagnostic: UDA from the finetune models
     python experiments/grid.py tmt --only finetune,tmt --seeds 0   # a subset
 """
 
@@ -19,6 +20,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ class Study:
     pretrain_steps: int
     settings: List[Setting] = field(default_factory=list)
     baseline: str = ""          # the row every other row is compared against
+    overrides: Tuple[str, ...] = ()   # ``--set`` items of every run ("{seed}": the seed)
+    needs: Optional[Tuple[str, str]] = None   # (study, setting) whose run of each seed comes first
 
 
 STUDIES: Dict[str, Study] = {
@@ -68,6 +72,12 @@ STUDIES: Dict[str, Study] = {
                     "bias strength λ_init = 3.0"),
             Setting("tmt_lam0.01", "tmt", ("tmt.lambda_init=0.01",), "ablation",
                     "bias strength λ_init = 0.01 (≈ ACTE's discriminator loss alone)"),
+            Setting("tmt_lam10", "tmt", ("tmt.lambda_init=10.0",), "ablation",
+                    "bias strength λ_init = 10 (close to masking out low-priority keys)"),
+            Setting("tmt_lamlr", "tmt", ("tmt.lambda_lr_mult=20",), "ablation",
+                    "λ_init = 0.1, λ learning rate × 20 (λ free to move)"),
+            Setting("tmt_lam3_lamlr", "tmt", ("tmt.lambda_init=3.0", "tmt.lambda_lr_mult=20"),
+                    "ablation", "λ_init = 3, λ learning rate × 20"),
         ]),
     "mrm": Study(
         "mrm", "MRM vs the DACS baseline (no target labels)", steps=400, pretrain_steps=600,
@@ -79,6 +89,22 @@ STUDIES: Dict[str, Study] = {
             Setting("mrm_r0.2", "mrm", ("uda.mask_ratio=0.2",), "mask ratio", "mask ratio 0.2"),
             Setting("mrm_r0.6", "mrm", ("uda.mask_ratio=0.6",), "mask ratio", "mask ratio 0.6"),
             Setting("mrm_r0.8", "mrm", ("uda.mask_ratio=0.8",), "mask ratio", "mask ratio 0.8"),
+            Setting("mrm_r0", "mrm", ("uda.mask_ratio=0.0",), "mask ratio",
+                    "mask ratio 0: nothing masked, the MRM loss is plain self-training on the "
+                    "target image"),
+        ]),
+    "mrm_start": Study(
+        "mrm_start", "Diagnostic: DACS vs MRM starting from a model whose pseudo-labels are mostly "
+        "right (the seed's finetune run, which saw 10% target labels: not UDA)", steps=400,
+        pretrain_steps=600, baseline="dacs", needs=("tmt", "finetune"),
+        overrides=("train.init_from=runs/experiments/tmt/finetune-s{seed}/model.safetensors",),
+        settings=[
+            Setting("source_only", "source_only", note="source labels only from that start"),
+            Setting("dacs", "dacs", note="DACS self-training"),
+            Setting("mrm", "mrm", note="DACS + MRM, mask ratio 0.4"),
+            Setting("mrm_r0", "mrm", ("uda.mask_ratio=0.0",), "mask ratio",
+                    "mask ratio 0: nothing masked, the MRM loss is plain self-training on the "
+                    "target image"),
         ]),
 }
 
@@ -95,12 +121,15 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def command(study: Study, setting: Setting, seed: int, base: Path) -> List[str]:
+def command(study: Study, setting: Setting, seed, base: Path) -> List[str]:
+    """The run's command line; ``seed`` may be a placeholder text (for the report)."""
     cmd = ["python", "-m", "tmt_train", "train", "--method", setting.method,
            "--dataset", "materials", "--steps", str(study.steps),
            "--pretrain-steps", str(study.pretrain_steps), "--seed", str(seed),
            "--out", _shown(run_dir(base, setting, seed)), "--resume", "--no-progress",
            "--set", f"train.cache_dir={_shown(base.parent / 'pretrain')}"]
+    for item in study.overrides:
+        cmd += ["--set", item.replace("{seed}", str(seed))]
     for item in setting.overrides:
         cmd += ["--set", item]
     return cmd
@@ -187,10 +216,9 @@ def report(study: Study, base: Path, seeds: List[int], results: Dict[Tuple[str, 
               "```"]
     for setting in study.settings:
         if any((setting.name, s) in results for s in seeds):
-            cmd = command(study, setting, 0, base)
-            text = shlex.join(cmd).replace("--seed 0", "--seed {seed}").replace(
-                f"{setting.name}-s0", f"{setting.name}-s{{seed}}")
-            lines.append(text)
+            # a shell-safe stand-in, so shlex does not quote the placeholder
+            text = shlex.join(command(study, setting, "SEED_PLACEHOLDER", base))
+            lines.append(text.replace("SEED_PLACEHOLDER", "{seed}"))
     lines += ["```", ""]
     text = "\n".join(lines)
     out_prefix.with_suffix(".md").write_text(text)
@@ -218,7 +246,9 @@ def plot(study: Study, rows: List[dict], path: Path) -> None:
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=35, ha="right")
     ax.set_ylabel("target mIoU")
-    ax.set_title(study.title, fontsize=9)
+    # long titles wrap to the figure's width instead of running off it
+    width = max(30, int(10 * (1.0 + 0.9 * len(rows))))
+    ax.set_title("\n".join(textwrap.wrap(study.title, width)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -234,6 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "experiments"),
                         help="folder of the run folders (pre-training cache beside them)")
     parser.add_argument("--report-only", action="store_true", help="aggregate finished runs")
+    parser.add_argument("--suffix", default="",
+                        help="a separate report of the --only settings: <study>_results<suffix>.{md,json,png}")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -255,6 +287,13 @@ def main(argv=None) -> int:
             if setting.group == group]
     results: Dict[Tuple[str, int], dict] = {}
     failures = []
+    if study.needs and not args.report_only:
+        # runs of another study this one starts from (e.g. their weights), one per seed
+        other = STUDIES[study.needs[0]]
+        needed = next(s for s in other.settings if s.name == study.needs[1])
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(lambda seed: run_one(other, needed, seed, base.parent / other.name,
+                                               args.threads), seeds))
     if not args.report_only:
         bar = tqdm(total=len(todo), desc=f"{study.name} runs", unit="run")
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -270,14 +309,14 @@ def main(argv=None) -> int:
                 bar.update(1)
                 bar.set_postfix_str(f"{setting.name} s{seed}")
         bar.close()
-    # the report covers every finished run of the study, not only this invocation's
-    study = STUDIES[args.study]
-    for setting in study.settings:
+    # the report covers every finished run of the study, not only this invocation's (with
+    # --suffix: of the --only settings, a separate report)
+    for setting in todo_settings if args.suffix else study.settings:
         for seed in seeds:
             done = finished(run_dir(base, setting, seed), study.steps)
             if done is not None:
                 results[(setting.name, seed)] = done
-    text = report(study, base, seeds, results, HERE / f"{study.name}_results")
+    text = report(study, base, seeds, results, HERE / f"{study.name}_results{args.suffix}")
     print(text)
     for line in failures:
         print("FAILED:", line, file=sys.stderr)

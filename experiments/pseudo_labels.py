@@ -5,7 +5,8 @@ For every run folder given (``dacs`` / ``mrm`` / ``tmt_mrm``), loads the final c
 teacher and student and scores them on the target train split (the images whose pseudo-labels
 drive self-training) and test split: pixel accuracy, mIoU, the share of pixels above the
 confidence threshold (0.968, the DACS weight) and the accuracy on those pixels. The source
-pre-training the runs started from is scored the same way (``start``).
+pre-training the runs started from (or their ``train.init_from`` model) is scored the same way
+(``start``).
 
     python experiments/pseudo_labels.py runs/experiments/mrm/dacs-s0 runs/experiments/mrm/mrm-s0
 """
@@ -79,7 +80,10 @@ def main(argv=None) -> int:
         splits = {"train": target.train, "test": target.eval}
         student_state = {k[len("model."):]: v for k, v in ckpt["model"].items()
                          if k.startswith("model.")}
-        start = pretrain_dir(cfg) / "model.safetensors"
+        # the weights the run started from: another model (train.init_from) or the source
+        # pre-training
+        start = Path(cfg.train.init_from) if cfg.train.init_from else \
+            pretrain_dir(cfg) / "model.safetensors"
         from safetensors.torch import load_file
 
         models = {"start": load(cfg, load_file(str(start)), num_classes),

@@ -569,3 +569,45 @@ def test_tma_predictor_is_the_tma_forward(tmp_path):
         torch.testing.assert_close(predictor(images), plain, atol=1e-5, rtol=1e-5)
         acte.lambda_param.fill_(3.0)
         assert (predictor(images) - plain).abs().max() > 1e-3
+
+
+def test_lambda_has_its_own_learning_rate(tmp_path):
+    # TMA's λ is a parameter group of its own at optim.lr × tmt.lambda_lr_mult, without weight
+    # decay; the discriminator stays in the head group.
+    from tmt_train.engine.trainer import TrainModule, build_acte, param_groups
+    from tmt_train.models import build_model
+
+    cfg = tiny(tmp_path / "run", "tmt")
+    cfg.tmt.lambda_lr_mult = 20.0
+    cfg.optim.head_lr_mult = 3.0
+    cfg.model.tma_blocks = cfg.tmt.tma_blocks
+    model = build_model(cfg.model, num_classes=4, verbose=False)
+    module = TrainModule(model, build_acte(cfg, model))
+    groups = {g["name"]: g for g in param_groups(module, cfg)}
+    lam = groups["lambda/no_decay"]
+    assert [id(p) for p in lam["params"]] == [id(module.acte.lambda_param)]
+    assert lam["lr"] == pytest.approx(cfg.optim.lr * 20.0) and lam["weight_decay"] == 0.0
+    assert groups["head/decay"]["lr"] == pytest.approx(cfg.optim.lr * 3.0)
+    every = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(every) == sorted(id(p) for p in module.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="tmt.lambda_lr_mult"):
+        validate(merge(cfg, {"tmt": {"lambda_lr_mult": -1.0}}))
+
+
+def test_init_from_replaces_the_source_pretraining(tmp_path, cache_dir):
+    # train.init_from: a run starts from another run's exported model, and no source
+    # pre-training is built or read
+    first = tiny(tmp_path / "first", "finetune", steps=2, cache=cache_dir)
+    run(first, log=quiet)
+    weights = tmp_path / "first" / "model.safetensors"
+    assert weights.is_file()
+    empty_cache = tmp_path / "unused-cache"
+    cfg = tiny(tmp_path / "second", "finetune", steps=2, cache=empty_cache,
+               train={"init_from": str(weights)})
+    messages = []
+    assert run(cfg, log=messages.append)["step"] == 2
+    assert any(f"initial weights from {weights}" in m for m in messages)
+    assert not any("pre-training" in m for m in messages)
+    assert not empty_cache.exists() or not any(empty_cache.iterdir())
+    with pytest.raises(ConfigError, match="train.init_from"):
+        validate(merge(cfg, {"train": {"init_from": str(tmp_path / "missing.safetensors")}}))

@@ -191,6 +191,24 @@ def test_backbone_weights_with_other_grid_are_interpolated(tmp_path):
     torch.testing.assert_close(model.backbone.pos_embed[:, :1], src.pos_embed[:, :1])
 
 
+def test_backbone_weights_from_a_whole_segmentation_model(tmp_path):
+    # model.pretrained may name an exported run (backbone.* + decoder.*): only the backbone
+    # is taken, the decoder keeps its own initialisation
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    trained = build_model(model_cfg(), verbose=False)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()},
+              str(tmp_path / "run.safetensors"))
+    cfg = model_cfg()
+    cfg.pretrained = str(tmp_path / "run.safetensors")
+    torch.manual_seed(1)
+    model = build_model(cfg, verbose=False)
+    for name, value in trained.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[name], value), name
+    assert not torch.equal(model.decoder.linear_pred.weight, trained.decoder.linear_pred.weight)
+
+
 def test_decoder_checks():
     head = SegFormerHead([8, 8], num_classes=3, embed_dim=4)
     out = head([torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2)])

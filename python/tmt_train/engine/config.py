@@ -80,6 +80,9 @@ class TMTConfig:
     restrict: Optional[str] = None
     neighbors: int = 4
     lambda_init: float = 0.1
+    # λ's learning rate is optim.lr × this: λ = softplus(θ) moves at most ~lr per step under
+    # AdamW, so at short schedules it stays at lambda_init unless its rate is raised
+    lambda_lr_mult: float = 1.0
     disc_hidden: int = 256
     grl_coeff: float = 1.0
     beta: float = 0.1
@@ -141,7 +144,7 @@ class OptimConfig:
     warmup_steps: int = -1               # -1: min(steps // 10, 1500)
     warmup_start: float = 1e-3           # lr factor at step 0
     min_lr_ratio: float = 0.0
-    head_lr_mult: float = 1.0            # decoder / discriminator / λ learning-rate factor
+    head_lr_mult: float = 1.0            # decoder / discriminator learning-rate factor
     grad_clip: float = 0.0               # 0: off
 
 
@@ -153,6 +156,9 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/default"
     cache_dir: Optional[str] = None       # pre-training cache; None: <parent of out>/pretrain
+    # start from these weights (a whole segmentation model, e.g. another run's
+    # model.safetensors) instead of the cached source pre-training
+    init_from: Optional[str] = None
     device: str = "auto"
     precision: str = "fp32"               # or "bf16" (autocast)
     eval_every: int = 0                   # 0: evaluate at the end only
@@ -314,6 +320,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> Config:
         raise ConfigError(f"--lr must be positive, got {o.lr!r}")
     if m.partition not in ("kmeans", "local"):
         raise ConfigError(f"tmt.partition must be kmeans or local, got {m.partition!r}")
+    if t.init_from is not None and not os.path.isfile(t.init_from):
+        raise ConfigError(f"train.init_from: no weights file at {t.init_from}")
+    if not float(m.lambda_lr_mult) >= 0:
+        raise ConfigError(f"tmt.lambda_lr_mult must be >= 0, got {m.lambda_lr_mult!r}")
     if m.restrict not in (None, "none", "neighbors"):
         raise ConfigError(f"tmt.restrict must be none or neighbors, got {m.restrict!r}")
     if t.method in TMT_METHODS and not 1 <= m.tma_blocks:

@@ -292,13 +292,14 @@ def build_acte(cfg: Config, model: Segmentor):
                 num_prefix_tokens=bb.num_prefix_tokens, seed=cfg.train.seed)
 
 
-PART_NAMES = ("backbone", "head", "rebuilder")
+PART_NAMES = ("backbone", "head", "rebuilder", "lambda")
 
 
 def param_groups(module: TrainModule, cfg: Config) -> List[dict]:
     """AdamW groups: no weight decay on norms, biases, position/CLS embeddings, MRM's mask
-    token and ``λ``; ``head_lr_mult`` for the decoder, the pyramid neck and ACTE; the
-    Rebuilder in groups of its own at ``uda.rebuilder_lr``."""
+    token and ``λ``; ``head_lr_mult`` for the decoder, the pyramid neck and ACTE's
+    discriminator; TMA's ``λ`` at ``optim.lr × tmt.lambda_lr_mult``; the Rebuilder in groups
+    of its own at ``uda.rebuilder_lr``."""
     o = cfg.optim
     no_decay = getattr(module.model.backbone, "no_weight_decay", None)
     skip = {f"model.backbone.{n}" for n in (no_decay() if no_decay else ())}
@@ -306,12 +307,13 @@ def param_groups(module: TrainModule, cfg: Config) -> List[dict]:
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.dim() <= 1 or name in skip or name.endswith("lambda_param")
-                     or name.endswith("mask_token"))
-        part = 2 if name.startswith("rebuilder.") else \
+        is_lambda = name.endswith("lambda_param")
+        decay = not (p.dim() <= 1 or name in skip or is_lambda or name.endswith("mask_token"))
+        part = 3 if is_lambda else 2 if name.startswith("rebuilder.") else \
             0 if name.startswith("model.backbone.") else 1
         groups.setdefault((decay, part), []).append(p)
-    lrs = [o.lr, o.lr * o.head_lr_mult, cfg.uda.rebuilder_learning_rate(o.lr)]
+    lrs = [o.lr, o.lr * o.head_lr_mult, cfg.uda.rebuilder_learning_rate(o.lr),
+           o.lr * cfg.tmt.lambda_lr_mult]
     return [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
              "lr": lrs[part], "name": f"{PART_NAMES[part]}/{'decay' if decay else 'no_decay'}"}
             for (decay, part), params in sorted(groups.items())]
@@ -874,7 +876,9 @@ def run(cfg: Config, *, resume: bool = False, stop_at: Optional[int] = None,
             # every process gets its share of the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
         init = None
-        if cfg.train.method != "pretrain":
+        if cfg.train.init_from:
+            init = cfg.train.init_from
+        elif cfg.train.method != "pretrain":
             init = str(ensure_pretrained(cfg, ctx, log=log))
         trainer = Trainer(cfg, ctx, init_weights=init, log=log)
         return trainer.fit(resume=resume, stop_at=stop_at)

@@ -302,8 +302,8 @@ def build_model(config: Union[ModelConfig, Mapping], num_classes: Optional[int] 
     model = Segmentor(backbone, decoder, config, neck=neck)
     if load_pretrained and config.pretrained:
         if config.is_vit:
-            report = load_weights(backbone, config.pretrained, ignore=("head.", "fc_norm.",
-                                                                        "head_drop."))
+            state = backbone_part(read_state_dict(config.pretrained))
+            report = load_weights(backbone, state, ignore=("head.", "fc_norm.", "head_drop."))
         else:
             missing, unexpected = backbone.load_pretrained(config.pretrained)
             report = f"{len(missing)} missing, {len(unexpected)} unexpected"
@@ -364,6 +364,17 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping]) -> Dict[str, torch
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def backbone_part(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The backbone's tensors when ``state`` is a whole segmentation model (keys under
+    ``backbone.`` or ``model.backbone.``, e.g. an exported run), with that prefix removed;
+    ``state`` itself otherwise (a bare backbone or ImageNet checkpoint)."""
+    for prefix in ("model.backbone.", "backbone."):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if part:
+            return part
+    return dict(state)
 
 
 def load_weights(module: nn.Module, source, *, strict: bool = False,
