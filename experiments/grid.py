@@ -79,6 +79,14 @@ STUDIES: Dict[str, Study] = {
             Setting("tmt_lam3_lamlr", "tmt", ("tmt.lambda_init=3.0", "tmt.lambda_lr_mult=20"),
                     "ablation", "λ_init = 3, λ learning rate × 20"),
         ]),
+    "tmt_long": Study(
+        "tmt_long", "TMT vs vanilla fine-tuning, 3× longer fine-tuning (1200 steps)", steps=1200,
+        pretrain_steps=600, baseline="finetune",
+        settings=[
+            Setting("finetune", "finetune", note="vanilla fine-tuning, TMA/ACTE off"),
+            Setting("tmt_lam3_lamlr", "tmt", ("tmt.lambda_init=3.0", "tmt.lambda_lr_mult=20"),
+                    note="the setting selected on validation in the tmt study"),
+        ]),
     "mrm": Study(
         "mrm", "MRM vs the DACS baseline (no target labels)", steps=400, pretrain_steps=600,
         baseline="dacs",

@@ -320,7 +320,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> Config:
         raise ConfigError(f"--lr must be positive, got {o.lr!r}")
     if m.partition not in ("kmeans", "local"):
         raise ConfigError(f"tmt.partition must be kmeans or local, got {m.partition!r}")
-    if t.init_from is not None and not os.path.isfile(t.init_from):
+    if check_paths and t.init_from is not None and not os.path.isfile(t.init_from):
         raise ConfigError(f"train.init_from: no weights file at {t.init_from}")
     if not float(m.lambda_lr_mult) >= 0:
         raise ConfigError(f"tmt.lambda_lr_mult must be >= 0, got {m.lambda_lr_mult!r}")
