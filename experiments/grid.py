@@ -23,7 +23,7 @@ import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -54,13 +54,23 @@ class Study:
     needs: Optional[Tuple[str, str]] = None   # (study, setting) whose run of each seed comes first
 
 
+# settings that more than one study runs
+FINETUNE = Setting("finetune", "finetune", note="vanilla fine-tuning, TMA/ACTE off")
+TMT_LAM3_LAMLR = Setting("tmt_lam3_lamlr", "tmt", ("tmt.lambda_init=3.0", "tmt.lambda_lr_mult=20"),
+                         "ablation", "λ_init = 3, λ learning rate × 20")
+DACS = Setting("dacs", "dacs", note="DACS self-training")
+MRM = Setting("mrm", "mrm", note="DACS + MRM, mask ratio 0.4")
+MRM_NO_MASK = Setting("mrm_r0", "mrm", ("uda.mask_ratio=0.0",), "mask ratio",
+                      "mask ratio 0: nothing masked, the MRM loss is plain self-training on the "
+                      "target image")
+
 STUDIES: Dict[str, Study] = {
     "tmt": Study(
         "tmt", "TMT vs vanilla fine-tuning (10% target labels)", steps=400, pretrain_steps=600,
         baseline="finetune",
         settings=[
             Setting("source_only", "source_only", note="no target data"),
-            Setting("finetune", "finetune", note="vanilla fine-tuning, TMA/ACTE off"),
+            FINETUNE,
             Setting("tmt", "tmt", note="defaults: k-means partition, L=2, λ_init=0.1"),
             Setting("tmt_local", "tmt", ("tmt.partition=local",), "ablation",
                     "partition = local soft clustering"),
@@ -76,30 +86,27 @@ STUDIES: Dict[str, Study] = {
                     "bias strength λ_init = 10 (close to masking out low-priority keys)"),
             Setting("tmt_lamlr", "tmt", ("tmt.lambda_lr_mult=20",), "ablation",
                     "λ_init = 0.1, λ learning rate × 20 (λ free to move)"),
-            Setting("tmt_lam3_lamlr", "tmt", ("tmt.lambda_init=3.0", "tmt.lambda_lr_mult=20"),
-                    "ablation", "λ_init = 3, λ learning rate × 20"),
+            TMT_LAM3_LAMLR,
         ]),
     "tmt_long": Study(
         "tmt_long", "TMT vs vanilla fine-tuning, 3× longer fine-tuning (1200 steps)", steps=1200,
         pretrain_steps=600, baseline="finetune",
         settings=[
-            Setting("finetune", "finetune", note="vanilla fine-tuning, TMA/ACTE off"),
-            Setting("tmt_lam3_lamlr", "tmt", ("tmt.lambda_init=3.0", "tmt.lambda_lr_mult=20"),
+            FINETUNE,
+            replace(TMT_LAM3_LAMLR, group="main",
                     note="the setting selected on validation in the tmt study"),
         ]),
     "mrm": Study(
         "mrm", "MRM vs the DACS baseline (no target labels)", steps=400, pretrain_steps=600,
         baseline="dacs",
         settings=[
-            Setting("dacs", "dacs", note="DACS self-training"),
-            Setting("mrm", "mrm", note="DACS + MRM, mask ratio 0.4"),
+            DACS,
+            MRM,
             Setting("tmt_mrm", "tmt_mrm", note="MRM + ACTE/TMA"),
             Setting("mrm_r0.2", "mrm", ("uda.mask_ratio=0.2",), "mask ratio", "mask ratio 0.2"),
             Setting("mrm_r0.6", "mrm", ("uda.mask_ratio=0.6",), "mask ratio", "mask ratio 0.6"),
             Setting("mrm_r0.8", "mrm", ("uda.mask_ratio=0.8",), "mask ratio", "mask ratio 0.8"),
-            Setting("mrm_r0", "mrm", ("uda.mask_ratio=0.0",), "mask ratio",
-                    "mask ratio 0: nothing masked, the MRM loss is plain self-training on the "
-                    "target image"),
+            MRM_NO_MASK,
         ]),
     "mrm_start": Study(
         "mrm_start", "Diagnostic: DACS vs MRM starting from a model whose pseudo-labels are mostly "
@@ -108,11 +115,9 @@ STUDIES: Dict[str, Study] = {
         overrides=("train.init_from=runs/experiments/tmt/finetune-s{seed}/model.safetensors",),
         settings=[
             Setting("source_only", "source_only", note="source labels only from that start"),
-            Setting("dacs", "dacs", note="DACS self-training"),
-            Setting("mrm", "mrm", note="DACS + MRM, mask ratio 0.4"),
-            Setting("mrm_r0", "mrm", ("uda.mask_ratio=0.0",), "mask ratio",
-                    "mask ratio 0: nothing masked, the MRM loss is plain self-training on the "
-                    "target image"),
+            DACS,
+            MRM,
+            MRM_NO_MASK,
         ]),
 }
 
